@@ -87,6 +87,13 @@ def config_from_args(ns):
     "The validated `Config` named by `config_arguments`."
     return load_config(*ns.config, overrides=ns.overrides)
 
+def _is_grid_file(path) -> bool:
+    "A grid YAML (`echocare-clip grid`) names `axes`/`extra` instead of configuration sections."
+    import yaml
+    try: raw = yaml.safe_load(open(path, encoding='utf-8'))
+    except (OSError, yaml.YAMLError): return False
+    return isinstance(raw, dict) and bool({'axes', 'extra'} & set(raw))
+
 def cli_config(argv: list[str]) -> int:
     "`echocare-clip config show|validate`."
     parser = argparse.ArgumentParser(prog='echocare-clip config', description='Show or validate configuration files.')
@@ -104,6 +111,10 @@ def cli_config(argv: list[str]) -> int:
     failed = 0
     for p in ns.paths:
         try:
+            if _is_grid_file(p):  # a grid is not a configuration: check the configurations it generates
+                from echocare_clip.experiments import write_grid
+                print(f'ok: {p} (grid of {len(write_grid(p))} configurations)')
+                continue
             load_config(*([ns.base] if ns.base else []), p)
             print(f'ok: {p}')
         except ConfigError as e:
