@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 # %% ../nbs/10_cli.ipynb #adf89474
 def config_arguments(parser: argparse.ArgumentParser):
     "The configuration arguments every run-like subcommand shares: files, then `-o section.key=value` overrides."
-    parser.add_argument('--config', '-c', nargs='+', default=[], metavar='YAML', help='config files, layered in order')
-    parser.add_argument('--set', '-o', nargs='+', default=[], metavar='KEY=VALUE', dest='overrides',
+    parser.add_argument('--config', '-c', nargs='+', action='extend', default=[], metavar='YAML', help='config files, layered in order')
+    parser.add_argument('--set', '-o', nargs='+', action='extend', default=[], metavar='KEY=VALUE', dest='overrides',
                         help='overrides such as train.epochs=3')
 
 def config_from_args(ns):
@@ -100,7 +100,7 @@ def cli_config(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest='action', required=True)
     show = sub.add_parser('show', help='print the resolved configuration with comments')
     show.add_argument('paths', nargs='*', help='YAML files, layered in order')
-    show.add_argument('--set', '-o', nargs='+', default=[], dest='overrides', metavar='KEY=VALUE')
+    show.add_argument('--set', '-o', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE')
     val = sub.add_parser('validate', help='check each file; one line per problem, exit 2 on any')
     val.add_argument('paths', nargs='+')
     val.add_argument('--base', default=None, help='layer each file on this base first (e.g. params/base.yaml)')
