@@ -563,7 +563,7 @@ def validate_caption(text, organ: str, label: str = '', task: str = '', source: 
     words = _WORD.findall(text)
     markup = set(_MARKUP.findall(text)) - set(_MARKUP.findall(source))  # brackets, braces, fences the source lacks
     if _HAN.search(text) or markup or _LEAK.search(text) or not words: reasons.append('malformed')
-    if _top_share(words) > max(0.3, _top_share(_WORD.findall(source)) + 0.1): reasons.append('degenerate')
+    if _top_share(words) > max(0.4, _top_share(_WORD.findall(source)) + 0.2): reasons.append('degenerate')
     n_src = len(_WORD.findall(source))
     if len(words) < min(4, n_src or 4): reasons.append('too_short')
     elif len(words) > max(80, math.ceil(1.5 * n_src)): reasons.append('too_long')
