@@ -900,8 +900,6 @@ def caption_audit(captions: pd.DataFrame, tokenizers: dict | None = None, out_di
 
 def plot_caption_audit(audit: pd.DataFrame, path=None):
     "Bar charts of distinct-2, words per caption, truncation per tokenizer and class-word share (dataset x tier)."
-    import matplotlib
-    if path is not None: matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     a = audit[(audit['tier'] != 'all') & (audit['dataset'] != 'all')]
     trunc = [c for c in a.columns if c.startswith('truncated_')]
