@@ -52,6 +52,7 @@ class CaptionsConfig:
     strategy: str = 'template'  # template | llm: caption strategy of the study grid
     tiers: list[str] = field(default_factory=lambda: ['report', 'attributes', 'label'])  # priority order
     tier_weights: dict[str, float] = field(default_factory=dict)  # sample tiers with these weights instead of priority
+    templates: str = 'default'  # training template set: default | paper (the original study's) | a YAML path
     templates_per_image: int = 3  # label/attribute template variants kept per image (resampled per epoch)
     resample_each_epoch: bool = True  # draw one of an image's captions afresh every epoch
     rewriter: str = 'rule'  # rule | openai | hf: the rewriter behind strategy=llm (`rule` is not an LLM)
