@@ -609,7 +609,7 @@ def trainable_table(model: DualEncoder) -> pd.DataFrame:
 
 # %% ../nbs/04_models.ipynb #4cf0fa92
 IMAGE_TOWERS = ('echocare', 'echocare-tiny', 'tiny-vit')  # plus open_clip:NAME and timm:NAME
-TEXT_TOWERS = ('tiny-clip-text', 'clip-text', 'bioclinicalbert', 'minilm')  # plus hf:NAME_OR_PATH
+TEXT_TOWERS = ('tiny-clip-text', 'clip-text', 'bioclinicalbert', 'minilm')  # plus hf:NAME_OR_PATH and open_clip:NAME
 
 def _unknown(what: str, name: str, options) -> UserError:
     import difflib
@@ -631,7 +631,8 @@ def build_text_tower(cfg: ModelConfig, pretrained: bool = True, local_dir: str |
     kind = cfg.text_tower
     if kind == 'tiny-clip-text': return _tiny_clip_text(cfg.text_max_length)
     if kind in _HF_TEXT or kind.startswith('hf:'): return _hf_text(cfg, pretrained, local_dir)
-    raise _unknown('text_tower', kind, [*TEXT_TOWERS, 'hf:NAME_OR_PATH'])
+    if kind.startswith('open_clip:'): return _open_clip_text(cfg, pretrained)
+    raise _unknown('text_tower', kind, [*TEXT_TOWERS, 'hf:NAME_OR_PATH', 'open_clip:NAME'])
 
 def _check_weights(cfg: ModelConfig, pretrained: bool = True, text_dir: str | None = None):
     "Resolve every pretrained source before anything is built, so a missing one fails at once."
@@ -640,6 +641,8 @@ def _check_weights(cfg: ModelConfig, pretrained: bool = True, text_dir: str | No
     elif kind.startswith('open_clip:'): _open_clip_source(kind, kind[10:], cfg.image_weights, 'image_weights', cfg.offline, pretrained)
     elif kind.startswith('timm:'): _timm_weights(cfg, pretrained)
     if cfg.text_tower in _HF_TEXT or cfg.text_tower.startswith('hf:'): _hf_text_source(cfg, text_dir)
+    elif cfg.text_tower.startswith('open_clip:'):
+        _open_clip_source(cfg.text_tower, cfg.text_tower[10:], cfg.text_weights, 'text_weights', cfg.offline, pretrained)
 
 def build_model(cfg: ModelConfig, pretrained: bool = True, text_dir: str | None = None) -> DualEncoder:
     "The `DualEncoder` (or baseline) described by `cfg.model`, with `cfg.finetune` applied."
@@ -731,6 +734,18 @@ def build_baseline(name: str, cfg: ModelConfig | None = None) -> DualEncoder:
                       cfg=dataclasses.replace(cfg, baseline=name), heads=False)
     enc.is_baseline = True
     return apply_finetune(enc, 'heads').eval()
+
+# %% ../nbs/04_models.ipynb #13f97e36
+def _open_clip_text(cfg: ModelConfig, pretrained: bool = True) -> ClipModelText:
+    "The text half of open_clip architecture `open_clip:NAME` (random init unless `model.text_weights` names weights)."
+    name = cfg.text_tower.split(':', 1)[1]
+    model, _ = _open_clip_model(cfg.text_tower, name, cfg.text_weights, 'text_weights', cfg.offline, pretrained)
+    if not hasattr(model, 'transformer'):
+        raise UserError(f'model.text_tower={cfg.text_tower}: its text tower is a Hugging Face model; use model.text_tower=hf:NAME_OR_PATH')
+    del model.logit_scale  # the dual encoder has its own temperature; an unused parameter would only confuse the optimiser
+    tower = ClipModelText(model, _open_clip().SimpleTokenizer(context_length=model.context_length), cfg.text_tower)
+    tower.pretrained = bool(cfg.text_weights) and pretrained
+    return tower
 
 # %% ../nbs/04_models.ipynb #473eabef
 CHECKPOINT_FORMAT = 'echocare-clip-model/1'
