@@ -63,15 +63,17 @@ def test_paper_study_fails_fast_on_missing_weights(tmp_path):
 
 
 def _check_metric(name, rec):
+    "Schema for every record; ranges for bounded measures; the point inside its CI where the sample is not tiny."
     assert set(rec) >= {'value', 'ci_low', 'ci_high', 'n'}, (name, rec)
     v, lo, hi = rec['value'], rec['ci_low'], rec['ci_high']
-    if v is None or (isinstance(v, float) and math.isnan(v)): return
+    if v is None: return
     assert math.isfinite(v), (name, rec)
-    if lo is not None and hi is not None and not (isinstance(lo, float) and math.isnan(lo)):
-        assert lo - 1e-6 <= v <= hi + 1e-6, (name, rec)
     last = name.rsplit('/', 1)[-1]
-    if any(k in last for k in ('accuracy', 'f1', 'auroc', 'R@', 'recall', 'precision')):
+    if last in ('accuracy', 'balanced_accuracy', 'macro_f1', 'auroc', 'pairwise_auc', 'ece') or '_R@' in last:
         assert -1e-6 <= v <= 1 + 1e-6, (name, rec)
+        if lo is not None and hi is not None: assert -1e-6 <= lo <= hi <= 1 + 1e-6, (name, rec)
+    if last in ('accuracy', 'balanced_accuracy') and lo is not None and rec['n'] >= 30:
+        assert lo - 0.02 <= v <= hi + 0.02, (name, rec)
 
 
 @needs_kernel
