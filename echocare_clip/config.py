@@ -179,6 +179,8 @@ def _coerce(value, tp, where: str):
         return ConfigError([f'{where}: expected an integer, got {type(value).__name__} {value!r}'])
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a number
+        if isinstance(value, str) and re.fullmatch(r'[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+', value.strip()): return float(value)
         return ConfigError([f'{where}: expected a number, got {type(value).__name__} {value!r}'])
     if tp is str:
         if isinstance(value, str): return value
@@ -352,8 +354,10 @@ def atomic_write_text(path, text: str, encoding='utf-8'):
     try:
         with os.fdopen(fd, 'w', encoding=encoding) as f: f.write(text); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename: e.filename = str(path)  # ENOSPC from write() names no file
+        raise
     return path
 
 def save_config(cfg: Config, path) -> Path:
