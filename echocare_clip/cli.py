@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import re
 import sys
 
 from . import __version__
@@ -36,6 +39,19 @@ def register(name: str, target: str, help: str):
 # %% ../nbs/10_cli.ipynb #0edf41be
 class UserError(Exception):
     "An error the user can fix; the CLI prints its one-line message and exits with status 2."
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+def _storage_error(e: BaseException) -> str | None:
+    "One line for a full disk or an unwritable location (an `OSError`, or a library error quoting one), else None."
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:  # e.g. safetensors: 'I/O error: No space left on device (os error 28)'
+        m = re.search(r'\(os error (\d+)\)|\[Errno (\d+)\]', str(e))
+        code = int(m[1] or m[2]) if m else None
+    if code not in _STORAGE_ERRNOS: return None
+    where = getattr(e, 'filename', None) or getattr(e, 'filename2', None)
+    return (f'{f"{where}: " if where else ""}{os.strerror(code)}; free disk space or choose a writable location '
+            '(output.root, data.cache_dir, --out)')
 
 def _resolve(name: str):
     "The function behind subcommand `name`, or None when its module does not provide it yet."
@@ -74,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, FileNotFoundError, FileExistsError) as e:
         for line in (e.problems if isinstance(e, ConfigError) else [str(e)]):
             print(f'echocare-clip {ns.command}: {line}', file=sys.stderr)
+        return 2
+    except Exception as e:
+        line = _storage_error(e)
+        if line is None: raise
+        print(f'echocare-clip {ns.command}: {line}', file=sys.stderr)
         return 2
 
 # %% ../nbs/10_cli.ipynb #adf89474

@@ -29,17 +29,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .cli import UserError
 from .config import Config, ConfigError, DataConfig, atomic_write_text, load_config
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'ORGANS', 'SPLITS', 'TASK_LABELS', 'IMAGE_SUFFIXES', 'REASONS', 'RESIZE_POLICIES', 'repo_root',
-           'find_shared_root', 'empty_manifest', 'check_manifest', 'save_manifest', 'load_manifest', 'DatasetSpec',
-           'register_dataset', 'list_datasets', 'get_adapter', 'dataset_root', 'load_dataset', 'ImageError',
-           'decode_gray', 'load_gray', 'to_square', 'dhash', 'phash', 'hamming', 'near_duplicates', 'cache_dir',
-           'scan_images', 'cap_per_dataset', 'assign_splits', 'count_group_crossings', 'link_duplicate_groups',
-           'leakage_pairs', 'apply_leakage_policy', 'leakage_summary', 'DataReport', 'build_manifest', 'format_report',
-           'save_splits', 'save_data_report', 'content_hash', 'DecodeCache', 'ImageDataset', 'channel_stats',
-           'warm_cache', 'cli_data']
+__all__ = ['MANIFEST_COLUMNS', 'ORGANS', 'SPLITS', 'TASK_LABELS', 'IMAGE_SUFFIXES', 'REASONS', 'MAX_PIXELS', 'RESIZE_POLICIES',
+           'repo_root', 'find_shared_root', 'empty_manifest', 'DataError', 'check_manifest', 'save_manifest',
+           'load_manifest', 'DatasetSpec', 'register_dataset', 'list_datasets', 'get_adapter', 'dataset_root',
+           'load_dataset', 'ImageError', 'decode_gray', 'load_gray', 'to_square', 'dhash', 'phash', 'hamming',
+           'near_duplicates', 'cache_dir', 'scan_images', 'cap_per_dataset', 'assign_splits', 'count_group_crossings',
+           'link_duplicate_groups', 'leakage_pairs', 'apply_leakage_policy', 'leakage_summary', 'DataReport',
+           'build_manifest', 'format_report', 'save_splits', 'save_data_report', 'content_hash', 'DecodeCache',
+           'ImageDataset', 'channel_stats', 'warm_cache', 'cli_data']
 
 # %% ../nbs/01_data.ipynb #dd97f266
 def repo_root(start=None) -> Path | None:
@@ -97,10 +98,13 @@ def _clean_attributes(d) -> dict:
         out[str(k)] = v
     return out
 
+class DataError(UserError, ValueError):
+    "A problem with the data on disk that the user can fix: the CLI prints its one line (also a `ValueError`)."
+
 def check_manifest(df: pd.DataFrame, where: str = 'manifest') -> pd.DataFrame:
     "`df` with the manifest columns in order, strings filled, attributes as dicts; raises on bad organ/split values."
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns and c not in ('split', 'report', 'report_lang', 'attributes', 'source', 'task', 'label')]
-    if missing: raise ValueError(f'{where}: missing columns {missing}; a manifest has {MANIFEST_COLUMNS}')
+    if missing: raise DataError(f'{where}: missing columns {missing}; a manifest has {MANIFEST_COLUMNS}')
     out = df.copy()
     for c in MANIFEST_COLUMNS:
         if c == 'attributes': continue
@@ -109,9 +113,9 @@ def check_manifest(df: pd.DataFrame, where: str = 'manifest') -> pd.DataFrame:
     attrs = out['attributes'] if 'attributes' in out.columns else pd.Series([{}] * len(out), index=out.index)
     out['attributes'] = [_clean_attributes(a) for a in attrs]
     bad = sorted(set(out['organ']) - set(ORGANS))
-    if bad: raise ValueError(f'{where}: organ {bad} is not one of {", ".join(ORGANS)}')
+    if bad: raise DataError(f'{where}: organ {bad} is not one of {", ".join(ORGANS)}')
     bad = sorted(set(out['split']) - {*SPLITS, ''})
-    if bad: raise ValueError(f'{where}: split {bad} is not one of {", ".join(SPLITS)}')
+    if bad: raise DataError(f'{where}: split {bad} is not one of {", ".join(SPLITS)}')
     extra = [c for c in out.columns if c not in MANIFEST_COLUMNS]
     return out[MANIFEST_COLUMNS + extra].reset_index(drop=True)
 
@@ -215,12 +219,12 @@ def _read_table(path: Path, required: list[str], name: str) -> pd.DataFrame:
     if not path.exists(): raise FileNotFoundError(f'{name}: {path} not found; expected a labels.csv with columns {",".join(required)}')
     try: t = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f'{name}: {path} is not a readable CSV ({type(e).__name__}); expected columns {",".join(required)}') from None
+        raise DataError(f'{name}: {path} is not a readable CSV ({type(e).__name__}); expected columns {",".join(required)}') from None
     t.columns = [str(c).strip() for c in t.columns]
     missing = [c for c in required if c not in t.columns]
     if missing:
         hints = [f"'{c}' (did you mean '{m}'?)" if (m := _closest_column(c, list(t.columns))) else f"'{c}'" for c in missing]
-        raise ValueError(f'{name}: {path} lacks column {", ".join(hints)}; found {",".join(t.columns)}; '
+        raise DataError(f'{name}: {path} lacks column {", ".join(hints)}; found {",".join(t.columns)}; '
                          f'expected at least {",".join(required)}')
     return t.map(str.strip)
 
@@ -385,7 +389,14 @@ def _dataset_meta(root: Path, name: str) -> dict:
     "Optional `dataset.yaml` beside the data, with the organ inferred from the name as a fallback."
     import yaml
     meta = {}
-    if (root / 'dataset.yaml').exists(): meta = yaml.safe_load((root / 'dataset.yaml').read_text(encoding='utf-8')) or {}
+    path = root / 'dataset.yaml'
+    if path.exists():
+        try: meta = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, 'problem_mark', None)
+            raise DataError(f"{path}: YAML syntax error{f' at line {mark.line + 1}' if mark else ''}; fix the file "
+                            "(a mapping such as organ: breast)") from None
+        if not isinstance(meta, dict): raise DataError(f'{path}: expected a mapping such as organ: breast, got {type(meta).__name__}')
     if 'organ' not in meta:
         organ = next((o for o in ORGANS if o in name.lower()), None)
         if organ: meta['organ'] = organ
@@ -398,7 +409,7 @@ def _default_task(organ: str, labels) -> str:
 def _need_organ(meta: dict, name: str, root: Path) -> str:
     organ = str(meta.get('organ', '')).lower()
     if organ not in ORGANS:
-        raise ValueError(f"{name}: organ unknown; write 'organ: breast|liver|lung|thyroid' in {root / 'dataset.yaml'} "
+        raise DataError(f"{name}: organ unknown; write 'organ: breast|liver|lung|thyroid' in {root / 'dataset.yaml'} "
                          f"(or add an organ column)")
     return organ
 
@@ -427,7 +438,7 @@ def _csv(root: Path, cfg: Config, name: str = 'csv') -> pd.DataFrame:
     meta = _dataset_meta(root, name)
     if 'organ' in t.columns:
         bad = sorted(set(t['organ'].str.lower()) - set(ORGANS))
-        if bad: raise ValueError(f"{name}: organ {bad} in {root / 'labels.csv'} is not one of {', '.join(ORGANS)}")
+        if bad: raise DataError(f"{name}: organ {bad} in {root / 'labels.csv'} is not one of {', '.join(ORGANS)}")
         organ = t['organ'].str.lower()
     else: organ = pd.Series([_need_organ(meta, name, root)] * len(t))
     gcol = next((c for c in _GROUP_COLUMNS if c in t.columns), None)
@@ -485,7 +496,7 @@ def load_dataset(name: str, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     kept = check_manifest(rows[skip == ''], where=name)
     if kept.empty:
         why = ', '.join(f'{k} {v}' for k, v in Counter(skipped['reason']).items()) or 'no rows'
-        raise ValueError(f'{name}: no usable images in {root} after filtering ({why}); expected {spec.layout}')
+        raise DataError(f'{name}: no usable images in {root} after filtering ({why}); expected {spec.layout}')
     return kept, skipped
 
 # %% ../nbs/01_data.ipynb #b6534d87
@@ -494,7 +505,9 @@ REASONS = {  # reason code -> meaning, for rows skipped while building a manifes
     'not_image': 'not an image file (unknown format)', 'corrupt': 'truncated or corrupt image data',
     'missing_label': 'no label in a labelled dataset', 'unknown_label': "label outside the dataset's classes",
     'duplicate_path': 'the same file listed twice', 'leakage_drop': 'near-duplicate of an image in another split / held-out set',
+    'too_large': 'more pixels than MAX_PIXELS (decompression-bomb guard); refused before decoding',
 }
+MAX_PIXELS = 64_000_000  # larger images are refused from their header: ultrasound frames are far smaller, bombs are not
 
 class ImageError(Exception):
     "An image that cannot be used; `reason` is a key of `REASONS`."
@@ -522,12 +535,15 @@ def decode_gray(data: bytes, path='<bytes>') -> np.ndarray:
     "Decode encoded image bytes to an (H, W) uint8 array; raises `ImageError`."
     if not data: raise ImageError(path, 'zero_byte')
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(path, 'too_large', f'{im.width}x{im.height} pixels, more than MAX_PIXELS={MAX_PIXELS:,}')
             im.load()
             if im.getexif().get(0x0112, 1) != 1: im = ImageOps.exif_transpose(im)
             arr = _to_gray8(im)
     except UnidentifiedImageError: raise ImageError(path, 'not_image') from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e: raise ImageError(path, 'too_large', str(e)) from None  # PIL's own limit, hit at open
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(path, 'corrupt', f'{type(e).__name__}: {e}') from None
     if arr.ndim != 2 or min(arr.shape) < 1: raise ImageError(path, 'corrupt', f'unexpected shape {arr.shape}')
     return arr
@@ -853,7 +869,7 @@ def build_manifest(cfg: Config, *, link_duplicates: bool = True, workers: int = 
     for name in [*data.datasets, *data.heldout]:
         ds = get_adapter(name).name
         if not (df['dataset'] == ds).any():
-            raise ValueError(f'{name}: no usable images after filtering (see skipped: '
+            raise DataError(f'{name}: no usable images after filtering (see skipped: '
                              f'{", ".join(f"{k} {v}" for k, v in Counter(pd.concat(skipped)["reason"]).items())}); check the files under {dataset_root(name, cfg)}')
     df['sha1'] = scan['sha1'].values
     df['phash'] = [f'{int(h):016x}' for h in scan['phash']]
@@ -941,7 +957,8 @@ def _save_npy(path: Path, arr: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp-', suffix='.npy')
     try:
-        with os.fdopen(fd, 'wb') as f: np.save(f, arr)
+        buf = io.BytesIO(); np.save(buf, arr, allow_pickle=False)
+        with os.fdopen(fd, 'wb') as f: f.write(buf.getvalue())  # a full disk raises OSError(ENOSPC), not a short write
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
@@ -966,7 +983,7 @@ class DecodeCache:
         arr = None
         if f is not None and f.exists():
             try:
-                arr = np.load(f)
+                arr = np.load(f, allow_pickle=False)
                 if arr.shape != (self.size, self.size) or arr.dtype != np.uint8: arr = None
             except (OSError, ValueError, EOFError): arr = None
         if arr is None:

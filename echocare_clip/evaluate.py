@@ -15,6 +15,7 @@ import re
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -795,7 +796,9 @@ def extract_embeddings(model, rows: pd.DataFrame, cfg: Config, texts=None, batch
     if texts is not None and len(texts) != len(rows): raise ValueError(f'extract_embeddings: {len(texts)} texts for {len(rows)} rows; give one text per row')
     path = Path(cfg.data.cache_dir).expanduser() / 'embeddings' / f'{embedding_cache_key(model, rows, cfg, texts)}.npz'
     if cache and path.exists():
-        with np.load(path) as z: return {'image': z['image'], 'text': z['text'] if 'text' in z else None, 'cached': True}
+        try:
+            with np.load(path, allow_pickle=False) as z: return {'image': z['image'], 'text': z['text'] if 'text' in z else None, 'cached': True}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile): path.unlink(missing_ok=True)  # damaged: recompute
     out = {'image': encode_images(model, rows, cfg, batch_size)}
     if texts is not None: out['text'] = encode_texts(model, texts)
     if cache: _atomic_savez(path, **out)

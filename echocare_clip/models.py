@@ -779,7 +779,8 @@ def load_model(path, device: str | torch.device = 'cpu') -> DualEncoder:
     path = Path(path)
     if not (path / 'model.json').is_file() or not (path / 'model.safetensors').is_file():
         raise FileNotFoundError(f'{path}: not a model checkpoint (needs model.json + model.safetensors); pass a checkpoints/best folder')
-    meta = json.loads((path / 'model.json').read_text())
+    try: meta = json.loads((path / 'model.json').read_text())
+    except ValueError: raise UserError(f'{path}/model.json: damaged (not JSON); re-train or copy the checkpoint again') from None
     if meta.get('format') != CHECKPOINT_FORMAT:
         raise UserError(f"{path}/model.json: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -788,7 +789,10 @@ def load_model(path, device: str | torch.device = 'cpu') -> DualEncoder:
     text_dir = str(path / meta['text_dir']) if meta.get('text_dir') else None
     model = build_model(arch, pretrained=False, text_dir=text_dir)
     model.cfg = cfg
-    st_load(model, str(path / 'model.safetensors'), strict=True)
+    from safetensors import SafetensorError
+    try: st_load(model, str(path / 'model.safetensors'), strict=True)
+    except SafetensorError as e:  # truncated or overwritten file (a copy cut short): name it
+        raise UserError(f'{path}/model.safetensors: damaged or incomplete ({str(e).splitlines()[0]}); re-train or copy the checkpoint again') from None
     model.norm_from_data = meta.get('norm_from_data', model.norm_from_data)
     return model.to(device).eval()
 

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage, signal
 
-from .config import Config, atomic_write_text
+from .config import Config, ConfigError, atomic_write_text
 from . import data as _data
 
 # %% auto #0
@@ -641,7 +641,7 @@ def _phantom_adapter(shifted: bool):
     name, key = ('phantom_shifted', 'data.phantom_heldout_n') if shifted else ('phantom', 'data.phantom_n')
     def adapter(root, cfg: Config) -> pd.DataFrame:
         n = cfg.data.phantom_heldout_n if shifted else cfg.data.phantom_n
-        if n <= 0: raise ValueError(f'{name}: {key} is {n}; set {key}=N (> 0) or remove {name!r} from data.datasets / data.heldout')
+        if n <= 0: raise ConfigError([f'{name}: {key} is {n}; set {key}=N (> 0) or remove {name!r} from data.datasets / data.heldout'])
         base = Path(root) if root is not None else _data.cache_dir(cfg) / 'phantom'
         size = cfg.data.phantom_size
         return make_phantom(phantom_dir(base, n, size, cfg.seed, shifted), n, size, cfg.seed, shifted)
