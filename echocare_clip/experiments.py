@@ -349,7 +349,7 @@ def render_comparison(study_dir, template=None, kernel: str = KERNEL) -> Path:
                             log_output=True, extra_arguments=_QUIET_KERNEL)
     return render_report(out_nb, study_dir / 'index.html', title=f'{study_dir.name}: comparison')
 
-# %% ../nbs/09_experiments.ipynb #88014b82
+# %% ../nbs/09_experiments.ipynb #b4f55b19
 TABLE_METRICS = ('balanced_accuracy', 'macro_f1', 'auroc', 'accuracy', 'ece', 'gap', 'pairwise_auc', 'paired_cosine',
                  'mismatched_cosine', 'collapsed', 'loss', 'alignment_gap', 'mean_balanced_accuracy',
                  'image_to_text_R@1', 'image_to_text_R@5', 'image_to_text_R@10', 'text_to_image_R@1',
@@ -378,12 +378,21 @@ _CONFIG_COLUMNS = {'text_tower': ('model', 'text_tower'), 'image_tower': ('model
                    'captions': ('captions', 'strategy'), 'finetune': ('model', 'finetune'),
                    'baseline': ('model', 'baseline')}
 
-def load_study(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "`(runs, metrics)` of every run folder under `study_dir`: one row per run, one row per run and headline metric."
-    study_dir = Path(study_dir)
-    runs, metrics = [], []
+def _newest_per_name(study_dir: Path) -> list[Path]:
+    "Run folders of `study_dir`, one per configuration name: the newest (an edited configuration gets a new folder)."
+    found = {}
     for d in sorted(p for p in study_dir.iterdir() if p.is_dir() and not p.name.startswith('.')) if study_dir.is_dir() else []:
         if not ((d / 'config.yaml').exists() or (d / 'status.json').exists()): continue
+        name = read_status(d).get('name') or re.sub(r'-[0-9a-f]{8}$', '', d.name)
+        stamp = max((f.stat().st_mtime for f in (d / 'status.json', d / 'config.yaml') if f.exists()), default=0)
+        if name not in found or stamp > found[name][0]: found[name] = (stamp, d)
+    return sorted(d for _, d in found.values())
+
+def load_study(study_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "`(runs, metrics)` of a study folder, the newest run per configuration name: one row per run, one per run and headline metric."
+    study_dir = Path(study_dir)
+    runs, metrics = [], []
+    for d in _newest_per_name(study_dir):
         conf = yaml.safe_load((d / 'config.yaml').read_text()) if (d / 'config.yaml').exists() else {}
         status = read_status(d)
         m = json.loads((d / 'metrics.json').read_text()) if (d / 'metrics.json').exists() else {}
