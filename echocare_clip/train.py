@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -162,12 +163,18 @@ def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, met
     optimizer.load_state_dict({'state': state, 'param_groups': groups})
 
 def _swap_dir(tmp: Path, path: Path):
-    "Move the finished folder `tmp` to `path`, replacing what was there."
+    "Move the finished folder `tmp` to `path`, replacing what was there; a complete checkpoint exists at every moment."
     old = path.with_name(f'.{path.name}.old')
-    if old.exists(): shutil.rmtree(old)
-    if path.exists(): os.replace(path, old)
-    os.replace(tmp, path)
+    if path.exists():  # `path` is complete, so a copy that a killed swap left aside is no longer needed
+        if old.exists(): shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)  # when `path` was missing, `old` (a killed swap's) was the complete checkpoint until here
     shutil.rmtree(old, ignore_errors=True)
+
+def _remove_partial(folder, name: str = '*'):
+    "Remove the temporary folders (`.NAME.tmp-*`) of checkpoint saves killed before their swap."
+    for p in Path(folder).glob(f'.{name}.tmp-*'):
+        if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
 
 def find_checkpoint(path) -> Path | None:
     "The complete checkpoint folder at `path` (or the one a killed swap left aside), else None."
@@ -186,11 +193,25 @@ def _default_load_weights(model: nn.Module, folder: Path):
     from safetensors.torch import load_model
     load_model(model, str(Path(folder) / 'model.safetensors'), strict=True)
 
+def _storage_error_at(e: BaseException, path: Path) -> OSError | None:
+    "A full disk or unwritable folder met while writing checkpoint `path`, as an `OSError` naming `path`; else None."
+    from echocare_clip.cli import _storage_error
+    if not isinstance(e, Exception) or _storage_error(e) is None: return None
+    code = getattr(e, 'errno', None)
+    if code is None:  # safetensors quotes only the number: 'I/O error: No space left on device (os error 28)'
+        m = re.search(r'\(os error (\d+)\)|\[Errno (\d+)\]', str(e)); code = int(m[1] or m[2])
+    return OSError(code, os.strerror(code), str(path))
+
+def _why(e: BaseException) -> str:
+    "The first line of an exception's message (its type when it has none)."
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
 def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                     rng: list[tuple[dict, dict]] | None = None, save_weights=None) -> Path:
     "Write weights, optimizer, RNG states (`rng`: one `get_rng_state()` per rank) and the JSON `state` to folder `path`, atomically."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_partial(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.tmp-'))
     try:
         (save_weights or _default_save_weights)(model, tmp)
@@ -201,8 +222,11 @@ def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, st
         full = {**state, 'optimizer': opt_meta, 'rng': [m for _, m in rng]}
         atomic_write_text(tmp / 'training_state.json', json.dumps(full, indent=1))
         _swap_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = _storage_error_at(e, path)
+        if named is None: raise
+        raise named from None
     return path
 
 def load_checkpoint(path, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -210,12 +234,18 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer: torch.optim
     "Restore weights and optimizer from checkpoint folder `path`; returns its state with this rank's RNG state under `rng`."
     found = find_checkpoint(path)
     if found is None: raise FileNotFoundError(f'{path}: no complete checkpoint there; start the run without --resume')
-    state = json.loads((found / 'training_state.json').read_text())
-    if model is not None: (load_weights or _default_load_weights)(model, found)
-    if optimizer is not None:
-        _optimizer_from_tensors(optimizer, load_file(str(found / 'optimizer.safetensors')), state['optimizer'])
-    rngs = load_file(str(found / 'rng.safetensors'))
-    world = len(state['rng'])
+    part = 'training_state.json'  # what is being read, for the message
+    try:
+        state = json.loads((found / part).read_text())
+        part = 'model.safetensors'
+        if model is not None: (load_weights or _default_load_weights)(model, found)
+        part = 'optimizer.safetensors'
+        if optimizer is not None: _optimizer_from_tensors(optimizer, load_file(str(found / part)), state['optimizer'])
+        part = 'rng.safetensors'
+        rngs, world = load_file(str(found / part)), len(state['rng'])
+    except Exception as e:  # a file cut short or overwritten: name the checkpoint and the way out, not the deserialiser
+        raise UserError(f'checkpoint {found} is damaged ({part}: {_why(e)}); it cannot be resumed: start the run again '
+                        'with output.overwrite=true') from None
     if rank >= world: raise UserError(f'{path}: saved by {world} ranks, cannot restore rank {rank}; resume with the same world size')
     mine = {k.split('.', 1)[1]: v for k, v in rngs.items() if k.startswith(f'rank{rank}.')}
     state['rng'] = (mine, state['rng'][rank])
@@ -494,7 +524,8 @@ def _build_corpus(cfg: Config, run_dir: Path, info: DistInfo, log) -> _Corpus:
         manifest, report = build_manifest(cfg)
         save_splits(manifest, run_dir); save_data_report(report, run_dir)
         used = manifest[manifest['split'].isin(['train', 'val'])].reset_index(drop=True)
-        captions = build_captions(used, cfg.captions, cfg.seed)
+        # LLM rewrites are cached with the run's other caches, where `echocare-clip captions build` keeps them
+        captions = build_captions(used, cfg.captions, cfg.seed, cache_path=Path(cfg.data.cache_dir).expanduser() / 'llm_captions.jsonl')
         atomic_write_text(run_dir / 'captions.csv', captions.to_csv(index=False))
         log(f'manifest: {len(manifest)} images, ' + ', '.join(f'{k} {v}' for k, v in manifest['split'].value_counts().items()))
     _barrier(info)
@@ -631,6 +662,16 @@ def _better(value: float | None, best: float | None, mode: str) -> bool:
     if value is None or math.isnan(value): return False
     return best is None or (value < best if mode == 'min' else value > best)
 
+def _check_model(mcfg):
+    "Fail now on an unknown tower name or absent pretrained weights (the models module's checks; nothing is built)."
+    from echocare_clip.models import IMAGE_TOWERS, TEXT_TOWERS, _check_weights, _unknown, set_offline
+    if mcfg.image_tower not in IMAGE_TOWERS and not mcfg.image_tower.startswith(('open_clip:', 'timm:')):
+        raise _unknown('image_tower', mcfg.image_tower, [*IMAGE_TOWERS, 'open_clip:NAME', 'timm:NAME'])
+    if mcfg.text_tower not in TEXT_TOWERS and not mcfg.text_tower.startswith(('hf:', 'open_clip:')):
+        raise _unknown('text_tower', mcfg.text_tower, [*TEXT_TOWERS, 'hf:NAME_OR_PATH', 'open_clip:NAME'])
+    set_offline(mcfg.offline)  # as build_model does: the hub is consulted in the mode the run will use
+    _check_weights(mcfg)
+
 def train(cfg: Config | None = None, run_dir=None, resume: str | None = None) -> Path:
     "Train `cfg` into its run folder (or `run_dir`); `resume='latest'` or a run folder continues from `checkpoints/last`."
     t_start = time.time()
@@ -638,6 +679,7 @@ def train(cfg: Config | None = None, run_dir=None, resume: str | None = None) ->
     cfg = cfg or Config()
     if cfg.model.baseline:
         raise UserError(f'model.baseline={cfg.model.baseline}: baselines are evaluated as they are, not trained; use `echocare-clip evaluate`')
+    _check_model(cfg.model)  # before the run folder, the data and the captions exist
     tcfg = cfg.train
     info = dist_info()
     device = pick_device(tcfg.device, info.local_rank)
@@ -673,6 +715,7 @@ def _train(cfg: Config, run_dir: Path, resume, info: DistInfo, device, threads: 
     if resume and read_status(run_dir).get('status') in _STOPPED:
         log(f'{run_dir}: already finished ({read_status(run_dir)["status"]}); nothing to resume', echo=True)
         return run_dir
+    if info.main: _remove_partial(ckpt_dir)  # temporary folders of saves killed before their swap
     log(f'run {run_dir} | device {device} | ranks {info.world} | threads {threads} | precision {tcfg.precision}', echo=True)
     autocast = _autocast(device, tcfg.precision)
 

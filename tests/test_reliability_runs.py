@@ -244,6 +244,7 @@ def test_sigkill_during_checkpoint_swap_and_mid_epoch_then_resume(reference, wor
     ckpt = run / 'checkpoints'
     assert not (ckpt / 'last').exists() and (ckpt / '.last.old').is_dir()  # the moment between the two renames
     assert json.loads((find_checkpoint(ckpt / 'last') / 'training_state.json').read_text())['epoch'] == 1
+    assert [d for d in debris(run) if d.startswith('checkpoints/.last.tmp-')]  # the epoch-2 folder that never moved in
 
     # 2. resumed from the checkpoint left aside (epoch 1), killed again before the first step of epoch 3
     r = run_cli(work, log, [train_cmd(work, 'cut', '--resume', 'latest')], kill=f'step:{steps + 1}')
@@ -251,6 +252,8 @@ def test_sigkill_during_checkpoint_swap_and_mid_epoch_then_resume(reference, wor
     assert 'resumed from' in r.stdout and 'at epoch 1' in r.stdout, r.stdout[-1500:]
     state = json.loads((find_checkpoint(ckpt / 'last') / 'training_state.json').read_text())
     assert (state['epoch'], state['step']) == (2, 2 * steps)
+    # the resume removed the killed save's temporary folder; the epoch-2 save replaced `.last.old` only once in place
+    assert not debris(run) and not (ckpt / '.last.old').exists() and (ckpt / 'last').is_dir(), debris(run)
 
     # 3. resumed to the end, evaluated
     r = run_cli(work, log, [train_cmd(work, 'cut', '--resume', 'latest'), eval_cmd(run)])
@@ -259,6 +262,25 @@ def test_sigkill_during_checkpoint_swap_and_mid_epoch_then_resume(reference, wor
     assert json.loads((run / 'train_status.json').read_text())['status'] == 'completed'
     assert_same_outputs(ref, run)
     assert not attempts(log)
+
+
+def test_resume_from_a_damaged_checkpoint_one_line(reference, work, capsys):
+    "A checkpoint cut short (a full disk, a copy interrupted) is named in one line with the way out, not a traceback."
+    import shutil
+    from echocare_clip.cli import main
+    ref, _ = reference
+    run = work / 'damaged' / ref.name
+    shutil.copytree(ref / 'checkpoints' / 'last', run / 'checkpoints' / 'last')
+    shutil.copy(ref / 'config.yaml', run / 'config.yaml')
+    (run / 'train_status.json').write_text(json.dumps({'status': 'running', 'epoch': 3}))  # as if killed before the end
+    weights = run / 'checkpoints' / 'last' / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    capsys.readouterr()
+    rc = main(['train', '--resume', str(run)])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f'echocare-clip train: checkpoint {run}/checkpoints/last is damaged (model.safetensors: '), err
+    assert err[0].endswith('start the run again with output.overwrite=true'), err
 
 
 def _limit_file_size(limit: int):
@@ -278,6 +300,7 @@ def test_file_size_limit_stops_with_one_line_and_no_partial_file(reference, work
     assert len(err) == 1 and err[0].startswith('echocare-clip train: ') and 'File too large' in err[0], err
     assert 'free disk space' in err[0]
     run = run_folder(work, 'full')
+    assert f'{run}/checkpoints/best: File too large' in err[0], err  # the checkpoint is named (safetensors names no file)
     assert not debris(run), debris(run)
     for name in ('best', 'last'):  # a checkpoint folder is there complete or not at all
         assert find_checkpoint(run / 'checkpoints' / name) is None
@@ -328,6 +351,8 @@ def test_api_key_never_written(tmp_path, monkeypatch, capfd):
     assert srv.auth and set(srv.auth) == {f'Bearer {KEY}'}  # the key was used, so its absence below means something
     caps = pd.read_csv(run / 'captions.csv', keep_default_na=False)
     assert (caps['rewriter'] == 'openai:canned').any()
+    # the rewrites are cached under data.cache_dir (where `echocare-clip captions build` keeps them), not $ECHOCARE_CACHE
+    assert (tmp_path / 'cache' / 'llm_captions.jsonl').is_file() and not (tmp_path / 'llm-cache').exists()
     written = [p for p in tmp_path.rglob('*') if p.is_file()]
     assert len(written) > 20
     leaks = [str(p) for p in written if KEY.encode() in p.read_bytes()]
