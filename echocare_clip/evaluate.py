@@ -518,12 +518,13 @@ def fewshot_probe(train: SplitData, val: SplitData, test: SplitData, classes, W:
 
 # %% ../nbs/07_evaluate.ipynb #2a2597c8
 def paired_bootstrap(stats_a, stats_b, W: np.ndarray, metric: str, level: float = 0.95) -> dict:
-    "Model A minus model B on the same samples: difference, percentile CI and two-sided p-value (null-centred bootstrap)."
+    "Model A minus model B on the same samples: difference, percentile CI and the two-sided bootstrap p-value."
     both = np.vstack([_unit(W.shape[1]), W])
     d = np.asarray(stats_a(both)[metric], np.float64) - np.asarray(stats_b(both)[metric], np.float64)
     d0, db = d[0], d[1:][np.isfinite(d[1:])]
     lo, hi = np.percentile(db, _tail(level))
-    p = (1 + np.sum(np.abs(db - d0) >= abs(d0) - 1e-12)) / (len(db) + 1)
+    # p from the same resamples as the CI, so 'p < 1 - level' and 'the CI excludes 0' always agree
+    p = 2 * min(np.sum(db <= 0) + 1, np.sum(db >= 0) + 1) / (len(db) + 1)
     return {'metric': metric, 'difference': _num(d0), 'ci_low': _num(lo), 'ci_high': _num(hi), 'p_value': float(min(1.0, p)),
             'n': int(W.shape[1])}
 

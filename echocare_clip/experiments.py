@@ -244,8 +244,9 @@ def read_status(run_dir) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 def is_finished(run_dir) -> bool:
-    "A run is finished when `metrics.json` exists and the runner did not record a failure."
-    return (Path(run_dir) / 'metrics.json').exists() and read_status(run_dir).get('status', 'ok') == 'ok'
+    "A run is finished when the runner recorded success (its last write, after the report) and `metrics.json` exists."
+    # metrics.json alone is not enough: a runner killed after the notebook wrote it left no report and no status
+    return (Path(run_dir) / 'metrics.json').exists() and read_status(run_dir).get('status') == 'ok'
 
 # %% ../nbs/09_experiments.ipynb #d867d432
 def run_config(path, overrides=(), force: bool = False, template=None, kernel: str = KERNEL,

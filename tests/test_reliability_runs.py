@@ -495,9 +495,6 @@ def test_killed_grid_resumes_with_finished_configurations_skipped(tmp_path):
     assert not attempts(g.log)
 
 
-@pytest.mark.xfail(strict=True, reason='experiments.is_finished trusts metrics.json alone: a runner killed after the '
-                   'notebook wrote metrics.json but before status.json/report.html is taken as finished. Fix in '
-                   'nbs/09_experiments.ipynb: also require that no staged notebook <study>/.running/<run>.ipynb remains')
 def test_runner_killed_after_metrics_written_reruns(tmp_path):
     g = Grid(tmp_path)
     g.configs = g.configs[:1]
