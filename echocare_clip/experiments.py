@@ -171,24 +171,14 @@ def _zoo() -> dict[str, tuple[bool, str]]:
     zoo = model_zoo()
     return {r['name']: (bool(r['available']), r['how']) for _, r in zoo.iterrows() if ':' not in r['name']}
 
-def _is_path(s: str) -> bool: return s.startswith(('/', './', '../', '~')) or s.endswith(('.pth', '.pt', '.bin', '.safetensors')) or s.count('/') > 1
-
-def preflight(cfg: Config, zoo: dict | None = None) -> str:
-    "'' when the weights `cfg` needs are here, else one line naming each missing one and how to supply it (nothing is built)."
-    m = cfg.model
-    if not m.offline: return ''  # weights may be downloaded when the run builds its model
-    zoo = _zoo() if zoo is None else zoo
-    needs = [(m.baseline, m.image_weights, 'image_weights')] if m.baseline else \
-            [(m.image_tower, m.image_weights, 'image_weights'), (m.text_tower, m.text_weights, 'text_weights')]
-    missing = []
-    for name, weights, key in needs:
-        if weights and _is_path(weights):
-            p = Path(weights).expanduser()
-            if not (p if p.is_absolute() else repo_root() / p).exists():  # runs start in the repository root
-                missing.append(f'{name!r} (model.{key}={weights} not found)')
-        elif name in zoo and not zoo[name][0]:
-            missing.append(f'{name!r} ({zoo[name][1]})')
-    return f'missing weights for {", ".join(missing)}' if missing else ''
+def preflight(cfg: Config) -> str:
+    "'' when `cfg.model` can be built here, else the one line `models.check_model` raises (nothing is built)."
+    from echocare_clip.models import WeightsNotFound, check_model
+    try:
+        with contextlib.chdir(repo_root()): check_model(cfg.model)  # runs start in the repository root: relative weight paths
+    except WeightsNotFound as e: return f'missing {e}'  # "missing weights for 'NAME' ..."
+    except UserError as e: return str(e)
+    return ''
 
 # %% ../nbs/09_experiments.ipynb #13bb2526
 KERNEL = 'echocare-clip'
@@ -294,12 +284,11 @@ def _run_job(job: dict) -> dict:
 
 def plan_runs(paths, overrides=()) -> tuple[list[dict], list[str]]:
     "Jobs `[{path, overrides}]` that can start here, and one problem line per configuration that cannot."
-    jobs, problems, zoo = [], [], None
+    jobs, problems = [], []
     for p in expand_params(paths):
         try: cfg = load_config(p, overrides=list(overrides))
         except ConfigError as e: problems += [f'{p}: {line}' for line in e.problems]; continue
-        zoo = zoo or (_zoo() if cfg.model.offline else None)
-        missing = preflight(cfg, zoo)
+        missing = preflight(cfg)
         if missing: problems.append(f'{p}: {missing}'); continue
         jobs.append({'path': str(p), 'overrides': list(overrides), 'study_dir': str(run_dir_for(cfg).parent.resolve())})
     return jobs, problems

@@ -27,8 +27,8 @@ from .config import ModelConfig, atomic_write_text
 __all__ = ['ECHOCARE_GEOMETRY', 'ECHOCARE_TINY_GEOMETRY', 'LEVELS', 'IMAGE_TOWERS', 'TEXT_TOWERS', 'BASELINES',
            'CHECKPOINT_FORMAT', 'WeightsNotFound', 'set_offline', 'Tower', 'ImageTower', 'TextTower', 'OpenClipImage',
            'OpenClipText', 'HFText', 'SwinImage', 'TimmImage', 'DualEncoder', 'apply_finetune', 'trainable_table',
-           'build_image_tower', 'build_text_tower', 'build_model', 'save_tiny_bert', 'ClipModelText', 'build_baseline',
-           'save_model', 'load_model', 'model_zoo', 'cli_models']
+           'build_image_tower', 'build_text_tower', 'build_model', 'check_model', 'save_tiny_bert', 'ClipModelText',
+           'build_baseline', 'save_model', 'load_model', 'model_zoo', 'cli_models']
 
 # %% ../nbs/04_models.ipynb #164bba41
 class WeightsNotFound(UserError):
@@ -381,6 +381,11 @@ def _hub_model_available(hub_id: str) -> bool:
     "Is the open_clip hub model `hub_id` (config + weights) in the local cache?"
     return bool(_hf_cached(hub_id, 'open_clip_config.json')) and any(_hf_cached(hub_id, f) for f in _WEIGHT_FILES)
 
+def _did_you_mean(name: str, options) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f' (did you mean {close[0]!r}?)' if close else ''
+
 class _quiet_root:
     "Silence root-logger warnings (open_clip logs 'no pretrained weights' for an intended random init)."
     def __enter__(self):
@@ -390,7 +395,6 @@ class _quiet_root:
 
 def _open_clip_source(kind: str, name: str, weights: str, key: str, offline: bool, pretrained: bool = True) -> tuple[str, str | None]:
     "`(model_name, pretrained)` arguments of `open_clip.create_model`, checked offline-safely (raises at once if missing)."
-    oc = _open_clip()
     source = weights if pretrained else ''
     if source.startswith('local-dir:'):
         if not Path(source[10:]).expanduser().is_dir():
@@ -400,8 +404,9 @@ def _open_clip_source(kind: str, name: str, weights: str, key: str, offline: boo
         if offline and not _hub_model_available(source[7:]):
             raise _missing(kind, source, key, _hf_how(source[7:]), 'local-dir:/path/to/dir')
         return source, None
+    oc = _open_clip()
     if name not in oc.list_models():
-        raise UserError(f"open_clip has no model {name!r}; see open_clip.list_models()")
+        raise UserError(f"open_clip has no model {name!r}{_did_you_mean(name, oc.list_models())}; see open_clip.list_models()")
     if source and (_is_pathlike(source) or Path(source).expanduser().exists()):
         if not Path(source).expanduser().is_file():
             raise WeightsNotFound(f"weights for {kind!r}: {source} does not exist; pass model.{key}=/path/to/checkpoint")
@@ -441,7 +446,10 @@ class TimmImage(ImageTower):
     def tail_prefixes(self): return _timm_units(self.model, 'model.')[1]
 
 def _timm_weights(cfg: ModelConfig, pretrained: bool = True) -> str:
-    "The checked local weights file of a timm tower ('' for a random init)."
+    "The checked local weights file of a timm tower ('' for a random init); an unknown architecture fails here."
+    import timm
+    name = cfg.image_tower.split(':', 1)[1]
+    if not timm.is_model(name): raise UserError(f"timm has no model {name!r}{_did_you_mean(name, timm.list_models())}; see timm.list_models()")
     weights = cfg.image_weights if pretrained else ''
     if weights and not Path(weights).expanduser().is_file():
         raise WeightsNotFound(f"weights for {cfg.image_tower!r}: {weights} is not a file; timm towers load pretrained "
@@ -451,7 +459,6 @@ def _timm_weights(cfg: ModelConfig, pretrained: bool = True) -> str:
 def _timm_image(cfg: ModelConfig, pretrained: bool = True) -> TimmImage:
     import timm
     name = cfg.image_tower.split(':', 1)[1]
-    if not timm.list_models(name): raise UserError(f"timm has no model {name!r}; see timm.list_models()")
     weights = _timm_weights(cfg, pretrained)
     model = timm.create_model(name, pretrained=False, num_classes=0)
     pcfg = dict(getattr(model, 'pretrained_cfg', {}) or {})
@@ -612,10 +619,7 @@ IMAGE_TOWERS = ('echocare', 'echocare-tiny', 'tiny-vit')  # plus open_clip:NAME 
 TEXT_TOWERS = ('tiny-clip-text', 'clip-text', 'bioclinicalbert', 'minilm')  # plus hf:NAME_OR_PATH and open_clip:NAME
 
 def _unknown(what: str, name: str, options) -> UserError:
-    import difflib
-    close = difflib.get_close_matches(name, list(options), n=1)
-    hint = f' (did you mean {close[0]!r}?)' if close else ''
-    return UserError(f"model.{what}: unknown tower {name!r}{hint}; choose one of {', '.join(options)} or see `echocare-clip models list`")
+    return UserError(f"model.{what}: unknown tower {name!r}{_did_you_mean(name, options)}; choose one of {', '.join(options)} or see `echocare-clip models list`")
 
 def build_image_tower(cfg: ModelConfig, pretrained: bool = True) -> ImageTower:
     "The image tower named by `cfg.image_tower` (`pretrained=False`: architecture only, for loading checkpoints)."
@@ -634,25 +638,32 @@ def build_text_tower(cfg: ModelConfig, pretrained: bool = True, local_dir: str |
     if kind.startswith('open_clip:'): return _open_clip_text(cfg, pretrained)
     raise _unknown('text_tower', kind, [*TEXT_TOWERS, 'hf:NAME_OR_PATH', 'open_clip:NAME'])
 
-def _check_weights(cfg: ModelConfig, pretrained: bool = True, text_dir: str | None = None):
-    "Resolve every pretrained source before anything is built, so a missing one fails at once."
-    kind = cfg.image_tower
-    if kind in ('echocare', 'echocare-tiny'): _echocare_weights(cfg, kind == 'echocare-tiny', pretrained)
-    elif kind.startswith('open_clip:'): _open_clip_source(kind, kind[10:], cfg.image_weights, 'image_weights', cfg.offline, pretrained)
-    elif kind.startswith('timm:'): _timm_weights(cfg, pretrained)
-    if cfg.text_tower in _HF_TEXT or cfg.text_tower.startswith('hf:'): _hf_text_source(cfg, text_dir)
-    elif cfg.text_tower.startswith('open_clip:'):
-        _open_clip_source(cfg.text_tower, cfg.text_tower[10:], cfg.text_weights, 'text_weights', cfg.offline, pretrained)
-
 def build_model(cfg: ModelConfig, pretrained: bool = True, text_dir: str | None = None) -> DualEncoder:
     "The `DualEncoder` (or baseline) described by `cfg.model`, with `cfg.finetune` applied."
-    set_offline(cfg.offline)
+    check_model(cfg, pretrained, text_dir)  # every name and pretrained source, before anything is built
     if cfg.baseline: return build_baseline(cfg.baseline, cfg)
-    _check_weights(cfg, pretrained, text_dir)
     model = DualEncoder(build_image_tower(cfg, pretrained), build_text_tower(cfg, pretrained, text_dir),
                         embed_dim=cfg.embed_dim, proj_hidden=cfg.proj_hidden, temperature_init=cfg.temperature_init,
                         max_logit_scale=cfg.max_logit_scale, cfg=dataclasses.replace(cfg))
     return apply_finetune(model, cfg.finetune, cfg.unlock_image_blocks, cfg.unlock_text_blocks)
+
+# %% ../nbs/04_models.ipynb #4b9162c1
+def check_model(cfg: ModelConfig, pretrained: bool = True, text_dir: str | None = None) -> None:
+    "Raise the one-line `UserError`/`WeightsNotFound` that `build_model(cfg)` would raise (names and weights); nothing is built."
+    set_offline(cfg.offline)  # the hub is consulted in the mode the build will use
+    if cfg.baseline:
+        arch, weights = _baseline_source(cfg.baseline, cfg)
+        _open_clip_source(cfg.baseline, arch, weights, 'image_weights', cfg.offline); return
+    kind = cfg.image_tower
+    if kind in ('echocare', 'echocare-tiny'): _echocare_weights(cfg, kind == 'echocare-tiny', pretrained)
+    elif kind.startswith('open_clip:'): _open_clip_source(kind, kind[10:], cfg.image_weights, 'image_weights', cfg.offline, pretrained)
+    elif kind.startswith('timm:'): _timm_weights(cfg, pretrained)
+    elif kind not in IMAGE_TOWERS: raise _unknown('image_tower', kind, [*IMAGE_TOWERS, 'open_clip:NAME', 'timm:NAME'])
+    kind = cfg.text_tower
+    if kind in _HF_TEXT or kind.startswith('hf:'): _hf_text_source(cfg, text_dir)
+    elif kind.startswith('open_clip:'): _open_clip_source(kind, kind[10:], cfg.text_weights, 'text_weights', cfg.offline, pretrained)
+    elif kind not in TEXT_TOWERS: raise _unknown('text_tower', kind, [*TEXT_TOWERS, 'hf:NAME_OR_PATH', 'open_clip:NAME'])
+
 
 # %% ../nbs/04_models.ipynb #e9ec023c
 def save_tiny_bert(path, words=(), hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
@@ -703,10 +714,8 @@ class ClipModelText(TextTower):
         name, layers = _layer_stack(self.clip)
         return [] if layers is None else [[f'clip.{name}.{i}'] for i in range(len(layers))]
 
-def build_baseline(name: str, cfg: ModelConfig | None = None) -> DualEncoder:
-    "A pretrained CLIP (`openai-vit-b-32`, `openai-vit-b-16`, `biomedclip` or `open_clip:NAME`) as a frozen `DualEncoder`."
-    cfg = cfg or ModelConfig(baseline=name)
-    set_offline(cfg.offline)
+def _baseline_source(name: str, cfg: ModelConfig) -> tuple[str, str]:
+    "`(open_clip model name, weights)` of baseline `name`; a known baseline whose weights are missing offline fails here."
     if name in BASELINES:
         arch, tag, repo = BASELINES[name]
         # checked before open_clip is even imported, so a missing baseline fails at once
@@ -720,6 +729,13 @@ def build_baseline(name: str, cfg: ModelConfig | None = None) -> DualEncoder:
         local = cfg.image_weights[10:] if cfg.image_weights.startswith('local-dir:') else cfg.image_weights
         weights = f'local-dir:{local}' if local else arch
         arch = arch.split('/')[-1]
+    return arch, weights
+
+def build_baseline(name: str, cfg: ModelConfig | None = None) -> DualEncoder:
+    "A pretrained CLIP (`openai-vit-b-32`, `openai-vit-b-16`, `biomedclip` or `open_clip:NAME`) as a frozen `DualEncoder`."
+    cfg = cfg or ModelConfig(baseline=name)
+    set_offline(cfg.offline)
+    arch, weights = _baseline_source(name, cfg)
     oc = _open_clip()
     model, pp = _open_clip_model(name, arch, weights, 'image_weights', cfg.offline)
     tok_name = weights if weights.startswith(('hf-hub:', 'local-dir:')) else arch

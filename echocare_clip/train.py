@@ -663,14 +663,9 @@ def _better(value: float | None, best: float | None, mode: str) -> bool:
     return best is None or (value < best if mode == 'min' else value > best)
 
 def _check_model(mcfg):
-    "Fail now on an unknown tower name or absent pretrained weights (the models module's checks; nothing is built)."
-    from echocare_clip.models import IMAGE_TOWERS, TEXT_TOWERS, _check_weights, _unknown, set_offline
-    if mcfg.image_tower not in IMAGE_TOWERS and not mcfg.image_tower.startswith(('open_clip:', 'timm:')):
-        raise _unknown('image_tower', mcfg.image_tower, [*IMAGE_TOWERS, 'open_clip:NAME', 'timm:NAME'])
-    if mcfg.text_tower not in TEXT_TOWERS and not mcfg.text_tower.startswith(('hf:', 'open_clip:')):
-        raise _unknown('text_tower', mcfg.text_tower, [*TEXT_TOWERS, 'hf:NAME_OR_PATH', 'open_clip:NAME'])
-    set_offline(mcfg.offline)  # as build_model does: the hub is consulted in the mode the run will use
-    _check_weights(mcfg)
+    "Fail now on an unknown tower name or absent pretrained weights (`models.check_model`; nothing is built)."
+    from echocare_clip.models import check_model
+    check_model(mcfg)
 
 def train(cfg: Config | None = None, run_dir=None, resume: str | None = None) -> Path:
     "Train `cfg` into its run folder (or `run_dir`); `resume='latest'` or a run folder continues from `checkpoints/last`."
