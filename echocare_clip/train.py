@@ -682,13 +682,18 @@ def train(cfg: Config | None = None, run_dir=None, resume: str | None = None) ->
     if tcfg.batch_size % info.world:
         raise UserError(f'train.batch_size={tcfg.batch_size} is not divisible by the {info.world} ranks; make it a multiple')
     was_threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
     threads = set_threads(tcfg.threads, info.local_world)
-    if device.type == 'cpu': torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == 'cpu':
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # deterministic mode also NaN-fills every new tensor, a debugging aid that cost ~15% of a CPU step (bench/RESULTS.md)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         run_dir = _broadcast(str(run_dir if resume else _fresh_run_dir(cfg, run_dir) if info.main else ''), info)
         return _train(cfg, Path(run_dir), resume, info, device, threads, t_start)
     finally:  # leave the process as it was (notebooks train several runs in one kernel)
         torch.set_num_threads(was_threads); torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 def _fresh_run_dir(cfg: Config, run_dir) -> Path:
     "`resolve_run_dir(cfg)`, or the given folder (refusing to overwrite unless `output.overwrite`)."
@@ -727,7 +732,8 @@ def _train(cfg: Config, run_dir: Path, resume, info: DistInfo, device, threads: 
     groups = param_groups(model, tcfg)
     for g in groups: g['base_lr'] = g['lr']
     params = [p for g in groups for p in g['params']]
-    optimizer = torch.optim.AdamW(groups)  # torch's defaults (betas 0.9/0.999, eps 1e-8), as the study used
+    # torch's defaults (betas 0.9/0.999, eps 1e-8), as the study used; the fused kernel computes the same update in one pass
+    optimizer = torch.optim.AdamW(groups, fused=device.type in ('cpu', 'cuda'))
     last = find_checkpoint(ckpt_dir / 'last') if resume else None
     if resume and last is None:
         if resume != 'latest': raise UserError(f'{run_dir}: no checkpoint to resume; start the run without --resume')
