@@ -3,11 +3,11 @@
 Not a test. Usage: python bench/profile_step.py [--level full] [--steps 4] [--threads 2] [--batch 64] [--top 12]
 
 In one process, on one batch of 64 real images (the reference CSV's first rows, our augmentation) and their captions:
-1. median seconds per step, alternating ours / open_clip (open_clip_train's step: `model(images, texts)`, its
-   `ClipLoss`, backward, AdamW; no clipping), and ours with `torch.use_deterministic_algorithms` off (the trainer turns
-   it on for CPU runs);
+1. median seconds per step, alternating: ours as `train()` runs it (CPU deterministic mode without NaN-filling new
+   tensors, fused AdamW), ours before those two fixes, and open_clip_train's step (`model(images, texts)`, its
+   `ClipLoss`, backward, AdamW; no clipping);
 2. the input side: building the batch (decode / cache + augmentation + tokenisation) each way;
-3. `torch.profiler`: the top operators of one of our steps by self CPU time;
+3. `torch.profiler`: the top operators of one step of each variant, side by side (self CPU seconds and calls);
 4. `cProfile`: the top Python functions of one of our steps by cumulative time (trainer overhead shows here).
 """
 import argparse
@@ -90,22 +90,27 @@ def main(argv=None) -> int:
 
     groups = tr.param_groups(ours, cfg.train)
     ours_params = [q for g in groups for q in g['params']]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    opt_fused = torch.optim.AdamW(groups, fused=True)  # as train() builds it
+    opt_loop = torch.optim.AdamW(tr.param_groups(ours, cfg.train))  # before: torch's per-parameter loop
     loss_fn = ClipLoss(dedup=cfg.train.loss == 'dedup')
     keys = tr.dup_codes(captions) if cfg.train.loss == 'dedup' else None
-    info = tr.DistInfo() if hasattr(tr, 'DistInfo') else None
+    info = tr.DistInfo()
     ours.train()
 
-    def ours_step():
+    def ours_step(opt):
         tr.optimizer_step(ours, loss_fn, [(images, tokens, keys)], opt, ours_params, info, cfg.train)
 
-    def ours_nondet():
-        torch.use_deterministic_algorithms(False); ours_step()
+    def ours_now():  # what train() sets on CPU now
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        ours_step(opt_fused)
 
-    def ours_det():
-        torch.use_deterministic_algorithms(True, warn_only=True); ours_step()
+    def ours_before():  # deterministic mode NaN-filling every new tensor, unfused AdamW
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        ours_step(opt_loop)
 
-    variants = {'ours (deterministic, as trained)': ours_det, 'ours (deterministic off)': ours_nondet, 'open_clip_train step': oc_step}
+    variants = {'ours, as train() runs it': ours_now, 'ours before the fixes': ours_before, 'open_clip_train step': oc_step}
     times = {k: [] for k in variants}
     for fn in variants.values(): fn()  # warm-up (allocator, AdamW state)
     for _ in range(a.steps):
@@ -119,17 +124,28 @@ def main(argv=None) -> int:
         m = statistics.median(v)
         print(f'  {k:<34} {m:6.3f} s   {a.batch / m:6.1f} pairs/s   {ref / m:5.2f}x open_clip')
 
-    # --- operator profile of one step of ours
+    # --- operator profile: one step of each variant, operators side by side
     from torch.profiler import profile, ProfilerActivity
+    ops = {}
+    for k, fn in variants.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof: fn()
+        torch.use_deterministic_algorithms(False)
+        ops[k] = {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()}
+    names = list(variants)
+    first = sorted(ops[names[0]], key=lambda n: -ops[names[0]][n][0])[:a.top]
+    print(f'\ntorch.profiler, one step each: top {a.top} operators of ours by self CPU seconds (calls)')
+    print(f'  {"operator":<48}' + ''.join(f'{k[:26]:>30}' for k in names))
+    for op in first:
+        cells = [ops[k].get(op, (0.0, 0)) for k in names]
+        print(f'  {op[:48]:<48}' + ''.join(f'{f"{t:.3f} s ({c})":>30}' for t, c in cells))
+    print(f'  {"total self CPU":<48}' + ''.join(f'{f"{sum(t for t, _ in ops[k].values()):.3f} s":>30}' for k in names))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof: ours_step()
-    print(f'\ntorch.profiler, one step of ours (top {a.top} by self CPU time):')
-    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=a.top, max_name_column_width=48))
-    pr = cProfile.Profile(); pr.enable(); ours_step(); pr.disable()
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    pr = cProfile.Profile(); pr.enable(); ours_step(opt_fused); pr.disable()
     s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats('cumulative').print_stats(a.top)
     print(f'cProfile, one step of ours (top {a.top} by cumulative time):')
     print('\n'.join(l for l in s.getvalue().splitlines() if l.strip())[:6000])
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(False); torch.utils.deterministic.fill_uninitialized_memory = True
     return 0
 
 

@@ -7,7 +7,7 @@ For each N: a phantom corpus of N images (generated once into bench/_work/scalin
 70/15/15; `train(cfg)` with the default tiny model (tiny-vit + tiny-clip-text) at `--level` for `--epochs` epochs
 (`heads` runs with `data.augment=false`, so both towers are cached: the cache build is reported apart from the epochs);
 then evaluation of all N images as one held-out set with a random-init model: embedding extraction and the whole
-metric suite (`evaluate.evaluate_rows`, `--bootstrap` resamples). Per-1k columns make linearity visible: a flat
+metric suite (`evaluate.evaluate_rows` on the embeddings just cached, `--bootstrap` resamples). Per-1k columns make linearity visible: a flat
 column is linear, a growing one is not.
 """
 import argparse
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         model = build_model(cfg.model).eval()
         rows = manifest.assign(split='heldout')
         texts = ev.eval_captions(rows, cfg)
+        shutil.rmtree(work / 'cache' / 'embeddings', ignore_errors=True)  # same seed, same weights: no stale hit
         t = time.perf_counter(); ev.extract_embeddings(model, rows, cfg, texts); t_embed = time.perf_counter() - t
         t = time.perf_counter(); metrics, _ = ev.evaluate_rows(model, rows, cfg, 'phantom', texts=texts); t_metrics = time.perf_counter() - t
         load1 = os.getloadavg()[0]
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         cmd = 'python bench/scaling.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
         record(f'Command: `{cmd}`  \nMachine: {machine()}  \n{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; '
                f'level {a.level}, {a.size} px, tiny-vit + tiny-clip-text, {a.epochs} epochs, {a.bootstrap} resamples\n\n{md}',
-               'scaling')
+               f'scaling-{a.level}')
     return 0
 
 

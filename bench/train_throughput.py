@@ -89,9 +89,12 @@ def _worker_ours(a) -> int:
         print(f'BENCH_STEP {dt:.4f} {now - t_start:.3f}', flush=True)
         return out
     tr.optimizer_step = timed_step
-    if a.variant == 'nofill':  # the proposed trainer fix: deterministic algorithms without NaN-filling every new tensor
-        import torch
+    import torch
+    if a.variant in ('nofill', 'fast'):  # proposed trainer fix 1: deterministic algorithms without NaN-filling new tensors
         torch.utils.deterministic.fill_uninitialized_memory = False
+    if a.variant in ('fused', 'fast'):  # proposed trainer fix 2: the fused AdamW kernel (same update, one pass)
+        import functools
+        torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)
     cfg = load_config(overrides=ours_overrides(a.level, a.steps, a.threads, a.workers, a.batch, Path(a.cache), Path(a.out)))
     tr.train(cfg, run_dir=Path(a.out) / 'run')
     return 0
@@ -131,7 +134,9 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
         if p.poll() is None:
             try: os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError: pass
-        _, status, ru = os.wait4(p.pid, 0)
+        try: rss = os.wait4(p.pid, 0)[2].ru_maxrss / 1024
+        except ChildProcessError: rss = float('nan')  # reaped elsewhere (the process was killed from outside)
+        p.returncode = p.returncode if p.returncode is not None else -1
         p.stdout.close()
         try: os.killpg(p.pid, signal.SIGKILL)  # data-loader workers left behind
         except ProcessLookupError: pass
@@ -139,7 +144,7 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
     if len(times) < steps:
         raise RuntimeError(f'{cmd[2:4]}: {len(times)}/{steps} steps; see {log}')
     steady = times[1:] if len(times) > 1 else times
-    return {'step_s': times, 'startup_s': startup, 'wall_s': wall, 'rss_mb': ru.ru_maxrss / 1024,
+    return {'step_s': times, 'startup_s': startup, 'wall_s': wall, 'rss_mb': rss,
             'steady_step_s': sum(steady) / len(steady)}
 
 
@@ -256,8 +261,10 @@ def main(argv=None) -> int:
     p.add_argument('--timeout', type=float, default=900, help='seconds per run')
     p.add_argument('--work', default=str(HERE / '_work' / 'train_throughput'))
     p.add_argument('--record', action='store_true', help='write the table into bench/RESULTS.md')
-    p.add_argument('--variants', nargs='+', default=['as-is'], choices=['as-is', 'nofill'],
-                   help="our trainer as it is, and/or with torch.utils.deterministic.fill_uninitialized_memory=False")
+    p.add_argument('--tag', default='', help='RESULTS.md section suffix, so several invocations can be recorded')
+    p.add_argument('--variants', nargs='+', default=['as-is'], choices=['as-is', 'nofill', 'fused', 'fast'],
+                   help='our trainer as it is, and/or with the proposed fixes: nofill = '
+                        'torch.utils.deterministic.fill_uninitialized_memory=False, fused = AdamW(fused=True), fast = both')
     # worker mode (internal)
     p.add_argument('--worker', choices=['ours', 'openclip'], help=argparse.SUPPRESS)
     p.add_argument('--level', default='full', help=argparse.SUPPRESS)
@@ -305,7 +312,7 @@ def main(argv=None) -> int:
     if a.record:
         cmd = 'python bench/train_throughput.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
         record(f'Command: `{cmd}`  \nMachine: {machine()}  \n{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}\n\n{md}',
-               'train_throughput')
+               'train_throughput' + (f'-{a.tag}' if a.tag else ''))
     return 0
 
 
