@@ -1,7 +1,7 @@
 """Training throughput (pairs/s, peak RSS): our trainer vs open_clip_train on the same model, CSV, batch, threads and steps.
 
-Not a test. Usage: python bench/train_throughput.py [--levels heads image text full] [--steps 6] [--runs 3]
-                   [--threads 2] [--workers 1] [--cpus 0,1] [--batch 64] [--record]
+Not a test. Usage: python bench/train_throughput.py [--levels heads full] [--steps 5] [--runs 3] [--threads 2]
+                   [--workers 1] [--cpus 0,1] [--batch 64] [--variants as-is] [--record [--tag NAME]]
 
 Both sides train the configuration of `../shared/bench/EchoTiny-ViT-4L-256.json` (4-layer ViT, width 256, patch 16 at
 128 px; 4-layer text transformer, width 256, context 77; embed 256) from random init, CPU fp32, on the 2,108 real pairs
@@ -13,8 +13,9 @@ full = none. `heads-noaug` is heads with `data.augment=false`, the only setting 
 Every run is a fresh process pinned with `taskset -c CPUS`, OMP/MKL threads and torch threads = `--threads`, the same
 number of data-loader workers, and is stopped after `--steps` optimiser steps. Pairs/s = batch x (steps - 1) / time
 of steps 2..N (step 1 carries the loader start), each step timed end to end (data + forward + loss + backward +
-optimiser), as open_clip's `Batch (t)` is. Start-up = process start to the end of step 1 (imports, data, model,
-frozen-tower caches). Peak RSS is the main process's (`wait4`). Runs alternate ours / open_clip so load drifts hit both;
+optimiser), as open_clip's `Batch (t)` is; CPU seconds per step (the main process's user + system time from /proc,
+sampled by this script at each step line, both sides alike) give a second ratio that moves less with the load.
+Start-up = process start to the end of step 1 (imports, data, model, frozen-tower caches, our epoch-0 validation). Peak RSS is the main process's (`wait4`). Runs alternate ours / open_clip so load drifts hit both;
 the ratio is taken per pair of runs and its median reported. Our decode cache is warmed once beforehand (the cold
 first epoch is what bench/data_loading.py measures); our feature caches are deleted before every run.
 """
@@ -119,12 +120,13 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
                          start_new_session=True, cwd=str(log.parent))
-    times, startup, lines = [], None, []
+    times, cpu, startup, lines = [], [], None, []
     try:
         for line in p.stdout:
             lines.append(line)
             m = pattern.search(line)
             if not m: continue
+            cpu.append(_cpu_seconds(p.pid))
             times.append(float(m.group(2)) if pattern is _OC_LINE else float(m.group(1)))
             if startup is None: startup = time.perf_counter() - t0
             if len(times) >= steps: break
@@ -145,7 +147,14 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
         raise RuntimeError(f'{cmd[2:4]}: {len(times)}/{steps} steps; see {log}')
     steady = times[1:] if len(times) > 1 else times
     return {'step_s': times, 'startup_s': startup, 'wall_s': wall, 'rss_mb': rss,
-            'steady_step_s': sum(steady) / len(steady)}
+            'steady_step_s': sum(steady) / len(steady), 'steady_cpu_step_s': (cpu[-1] - cpu[0]) / max(1, len(cpu) - 1)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    "User + system CPU seconds of process `pid` so far (all its threads; not its children)."
+    try: fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    except OSError: return float('nan')
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 def _env(threads: int) -> dict:
@@ -221,9 +230,10 @@ def _med(xs): return statistics.median(xs) if xs else float('nan')
 
 def table(results: dict, a) -> str:
     "Markdown table: per level and our variant, median pairs/s of each side, median per-pair ratio, start-up, peak RSS."
-    lines = ['| level | ours | ours pairs/s | open_clip pairs/s | ratio (median of pairs) | ratio range | ours start-up s | '
+    lines = ['| level | ours | ours pairs/s | open_clip pairs/s | ratio (median of pairs) | ratio range | '
+             'ratio of pairs per CPU-second | ours start-up s | '
              'open_clip start-up s | 10 epochs of 2,108 pairs, ratio (estimate) | ours peak RSS MB | open_clip peak RSS MB | load avg |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     ten = lambda x: x['startup_s'] + 10 * 2108 / a.batch * x['steady_step_s']  # start-up once, then steady steps
     for level, r in results.items():
         oc = [a.batch / x['steady_step_s'] for x in r['openclip']]
@@ -231,7 +241,9 @@ def table(results: dict, a) -> str:
             ours = [a.batch / x['steady_step_s'] for x in r[side]]
             ratios = [o / c for o, c in zip(ours, oc)]
             lines.append(f'| {level} | {side} | {_med(ours):.1f} | {_med(oc):.1f} | **{_med(ratios):.2f}x** | '
-                         f'{min(ratios):.2f}-{max(ratios):.2f} | {_med([x["startup_s"] for x in r[side]]):.1f} | '
+                         f'{min(ratios):.2f}-{max(ratios):.2f} | '
+                         f'{_med([c["steady_cpu_step_s"] / o["steady_cpu_step_s"] for o, c in zip(r[side], r["openclip"])]):.2f}x | '
+                         f'{_med([x["startup_s"] for x in r[side]]):.1f} | '
                          f'{_med([x["startup_s"] for x in r["openclip"]]):.1f} | '
                          f'{_med([ten(c) / ten(o) for o, c in zip(r[side], r["openclip"])]):.2f}x | {_med([x["rss_mb"] for x in r[side]]):.0f} | '
                          f'{_med([x["rss_mb"] for x in r["openclip"]]):.0f} | {r["load"][0]:.1f}-{r["load"][1]:.1f} |')
@@ -303,7 +315,7 @@ def main(argv=None) -> int:
                 r[side].append(x)
                 r['load'] = [min(r['load'][0], load), max(r['load'][1], load)]
                 print(f'{level:<11} run {i + 1} {side:<12} {a.batch / x["steady_step_s"]:7.1f} pairs/s  '
-                      f'({x["steady_step_s"]:.2f} s/step, start-up {x["startup_s"]:.1f} s, '
+                      f'({x["steady_step_s"]:.2f} s/step, {x["steady_cpu_step_s"]:.2f} CPU s/step, start-up {x["startup_s"]:.1f} s, '
                       f'peak RSS {x["rss_mb"]:.0f} MB, load {load:.1f})', flush=True)
     md = table(results, a)
     print('\n' + md)
