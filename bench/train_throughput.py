@@ -74,7 +74,7 @@ def ours_overrides(level: str, steps: int, threads: int, workers: int, batch: in
 
 # ---------------------------------------------------------------- worker side (one process per run)
 def _worker_ours(a) -> int:
-    "Train with our trainer, printing `BENCH_STEP i seconds` after every optimiser step."
+    "Train with our trainer, printing `BENCH_STEP step_s since_start_s outside_s` after every optimiser step."
     t_start = time.perf_counter()
     import echocare_clip.train as tr
     from echocare_clip.config import load_config
@@ -83,11 +83,13 @@ def _worker_ours(a) -> int:
     inner, last = tr.optimizer_step, [None]
 
     def timed_step(*args, **kw):
+        t_in = time.perf_counter()
         out = inner(*args, **kw)
         now = time.perf_counter()
-        dt = now - (last[0] if last[0] is not None else t_start)
+        prev = last[0] if last[0] is not None else t_start
         last[0] = now
-        print(f'BENCH_STEP {dt:.4f} {now - t_start:.3f}', flush=True)
+        # outside = time between two optimiser steps: data wait, tokenisation, loop bookkeeping (open_clip: `Data (t)`)
+        print(f'BENCH_STEP {now - prev:.4f} {now - t_start:.3f} {t_in - prev:.4f}', flush=True)
         return out
     tr.optimizer_step = timed_step
     import torch
@@ -112,7 +114,7 @@ def _worker_openclip(a) -> int:
 
 # ---------------------------------------------------------------- parent side
 _OC_LINE = re.compile(r'Train Epoch: \d+ \[.*?\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)')
-_OURS_LINE = re.compile(r'BENCH_STEP ([\d.]+) ([\d.]+)')
+_OURS_LINE = re.compile(r'BENCH_STEP ([\d.]+) ([\d.]+) ([\d.]+)')
 
 
 def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Path) -> dict:
@@ -120,7 +122,7 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
                          start_new_session=True, cwd=str(log.parent))
-    times, cpu, startup, lines = [], [], None, []
+    times, outside, cpu, startup, lines = [], [], [], None, []
     try:
         for line in p.stdout:
             lines.append(line)
@@ -128,6 +130,7 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
             if not m: continue
             cpu.append(_cpu_seconds(p.pid))
             times.append(float(m.group(2)) if pattern is _OC_LINE else float(m.group(1)))
+            outside.append(float(m.group(1)) if pattern is _OC_LINE else float(m.group(3)))
             if startup is None: startup = time.perf_counter() - t0
             if len(times) >= steps: break
             if time.perf_counter() - t0 > timeout: break
@@ -147,7 +150,8 @@ def _run(cmd: list[str], env: dict, steps: int, pattern, timeout: float, log: Pa
         raise RuntimeError(f'{cmd[2:4]}: {len(times)}/{steps} steps; see {log}')
     steady = times[1:] if len(times) > 1 else times
     return {'step_s': times, 'startup_s': startup, 'wall_s': wall, 'rss_mb': rss,
-            'steady_step_s': sum(steady) / len(steady), 'steady_cpu_step_s': (cpu[-1] - cpu[0]) / max(1, len(cpu) - 1)}
+            'steady_step_s': sum(steady) / len(steady), 'steady_outside_s': sum(outside[1:]) / max(1, len(outside) - 1),
+            'steady_cpu_step_s': (cpu[-1] - cpu[0]) / max(1, len(cpu) - 1)}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -315,7 +319,8 @@ def main(argv=None) -> int:
                 r[side].append(x)
                 r['load'] = [min(r['load'][0], load), max(r['load'][1], load)]
                 print(f'{level:<11} run {i + 1} {side:<12} {a.batch / x["steady_step_s"]:7.1f} pairs/s  '
-                      f'({x["steady_step_s"]:.2f} s/step, {x["steady_cpu_step_s"]:.2f} CPU s/step, start-up {x["startup_s"]:.1f} s, '
+                      f'({x["steady_step_s"]:.2f} s/step of which {x["steady_outside_s"]:.2f} s outside the optimiser step, '
+                      f'{x["steady_cpu_step_s"]:.2f} CPU s/step, start-up {x["startup_s"]:.1f} s, '
                       f'peak RSS {x["rss_mb"]:.0f} MB, load {load:.1f})', flush=True)
     md = table(results, a)
     print('\n' + md)
